@@ -1,0 +1,1 @@
+"""Scenarios: workloads + fault plans + checkers, a runner with an operation history, reports."""

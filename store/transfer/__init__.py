@@ -1,0 +1,1 @@
+"""Transfer engine: moves bytes between registered memory of two processes (TCP, RDMA, memcpy)."""
