@@ -11,6 +11,7 @@ import sys
 BENCHMARKS: dict[str, str] = {
     "allocator": "offset/slab allocators and placement strategies: speed, utilisation, bookkeeping",
     "master": "master RPC put cycle over TCP (1 and 8 clients) and in process",
+    "transfer": "TCP transport WRITE/READ between two processes vs a plain socket; million-slice soak RSS",
     "store": "client put/get over TCP loopback across processes vs plain sockets",
     "packing": "numba gather/scatter and checksum vs numpy copy",
     "rdma": "RDMA transport vs ib_write_bw on the same device (inside the Soft-RoCE guest)",
