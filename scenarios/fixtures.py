@@ -69,29 +69,7 @@ def cluster(history: History, umbra_seed: int, tmp_path: Path) -> Iterator[Calla
 
     def make(plan: FaultPlan | None = None, **spec: Any) -> ClusterHandle:
         plan = (plan or FaultPlan()).with_seed(plan.seed if plan and plan.seed is not None else umbra_seed)
-
-        def record(
-            label: str,
-            fault: str,
-            target: str,
-            action: str,
-            t0: float,
-            t1: float,
-            detail: dict[str, Any],
-            err: str,
-        ) -> None:
-            history.fault(
-                label,
-                fault,
-                action,
-                t0,
-                t1,
-                target=target,
-                code=-1 if err else 0,
-                detail={**detail, **({"error": err} if err else {})},
-            )
-
-        sched = FaultScheduler(validate_plan(plan), umbra_seed, record)
+        sched = FaultScheduler(validate_plan(plan), umbra_seed, history.record_fault)
         start = StartConfig()
         sched.configure_start(start)
         c = ClusterHandle(

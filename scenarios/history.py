@@ -157,6 +157,21 @@ class History:
         with self._lock:
             self._rows.append(row)
 
+    def record_fault(
+        self,
+        label: str,
+        fault: str,
+        target: str,
+        action: str,
+        t0: float,
+        t1: float,
+        detail: dict[str, Any],
+        err: str,
+    ) -> None:
+        """The fault scheduler's callback: one fault row, code −1 when the fault failed to apply."""
+        self.fault(label, fault, action, t0, t1, target=target, code=-1 if err else 0,
+                   detail={**detail, **({"error": err} if err else {})})
+
     def event(
         self, kind: str, t: float, *, key: str = "", detail: dict[str, Any] | None = None, size: int = 0
     ) -> None:

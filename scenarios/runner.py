@@ -101,29 +101,7 @@ def run_variant(
 ) -> dict[str, Any]:
     """Run one variant; returns its raw results (the history is filled as a side effect)."""
     history.begin_variant(variant.name)
-
-    def record(
-        label: str,
-        fault: str,
-        target: str,
-        action: str,
-        t0: float,
-        t1: float,
-        detail: dict[str, Any],
-        err: str,
-    ) -> None:
-        history.fault(
-            label,
-            fault,
-            action,
-            t0,
-            t1,
-            target=target,
-            code=-1 if err else 0,
-            detail={**detail, **({"error": err} if err else {})},
-        )
-
-    sched = FaultScheduler(plan, seed, record)
+    sched = FaultScheduler(plan, seed, history.record_fault)
     start = StartConfig()
     sched.configure_start(start)
     out: dict[str, Any] = {

@@ -6,6 +6,7 @@ the allocator never touches it, so its state is plain bookkeeping that a checker
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,12 @@ class Allocator(ABC):
     """Interface: ``allocate``/``free`` plus read-only figures for metrics and checkers."""
 
     kind: str = "abstract"
+    # set by implementations: the logger for Mooncake-style lines, the segment name they print,
+    # this instance's owner tag (stamped into every Allocation) and the bytes requested so far
+    _log: logging.Logger
+    segment_name: str
+    _owner: int
+    _requested: int
 
     @property
     @abstractmethod
@@ -71,6 +78,22 @@ class Allocator(ABC):
     def report(self) -> dict[str, Any]:
         """Figures for people and checkers: capacity, used, free, largest free region,
         fragmentation (1 − largest_free / free), live allocations, allocator-specific detail."""
+
+    def _fail(self, size: int) -> None:
+        """Log Mooncake's ``allocation_failed`` line (only when debug logging is on); returns None."""
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug("allocation_failed size=%d segment=%s current_size=%d", size,
+                            self.segment_name, self._requested)
+        return None
+
+    def _check_owner(self, allocation: Allocation) -> None:
+        """Reject anything that is not an Allocation made by this very instance."""
+        if not isinstance(allocation, Allocation):
+            raise AllocatorError(f"free() expects an Allocation, got {type(allocation).__name__}")
+        if allocation.owner != self._owner:
+            raise AllocatorError(
+                f"allocation at offset {allocation.offset} (owner {allocation.owner}) does not belong to "
+                f"this allocator (owner {self._owner}, segment {self.segment_name!r})")
 
     @property
     def free_bytes(self) -> int:

@@ -146,6 +146,7 @@ class OffsetAllocator(Allocator):
     """
 
     kind = "offset"
+    _log = log
 
     def __init__(self, capacity: int, *, segment_name: str = "", base: int = 0,
                  max_nodes: int | None = None, init_nodes: int | None = None,
@@ -450,19 +451,8 @@ class OffsetAllocator(Allocator):
                       self.base + alloc.offset)
         return alloc
 
-    def _fail(self, size: int) -> None:
-        if log.isEnabledFor(_DEBUG):
-            log.debug("allocation_failed size=%d segment=%s current_size=%d", size, self.segment_name,
-                      self._requested)
-        return None
-
     def _check_live(self, allocation: Allocation) -> int:
-        if not isinstance(allocation, Allocation):
-            raise AllocatorError(f"free() expects an Allocation, got {type(allocation).__name__}")
-        if allocation.owner != self._owner:
-            raise AllocatorError(
-                f"allocation at offset {allocation.offset} (owner {allocation.owner}) does not belong to "
-                f"this allocator (owner {self._owner}, segment {self.segment_name!r})")
+        self._check_owner(allocation)
         h = allocation.handle
         idx = h & _IDX_MASK if isinstance(h, int) and h >= 0 else -1
         k = self._k

@@ -100,6 +100,7 @@ class SlabAllocator(Allocator):
     """Mooncake's cachelib allocator for one segment (``capacity`` a multiple of 16 MiB)."""
 
     kind = "cachelib"
+    _log = log
 
     def __init__(self, capacity: int, *, segment_name: str = "", base: int = 0) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int):
@@ -250,19 +251,8 @@ class SlabAllocator(Allocator):
                       self.base + off)
         return alloc
 
-    def _fail(self, size: int) -> None:
-        if log.isEnabledFor(_DEBUG):
-            log.debug("allocation_failed size=%d segment=%s current_size=%d", size, self.segment_name,
-                      self._requested)
-        return None
-
     def free(self, allocation: Allocation) -> None:
-        if not isinstance(allocation, Allocation):
-            raise AllocatorError(f"free() expects an Allocation, got {type(allocation).__name__}")
-        if allocation.owner != self._owner:
-            raise AllocatorError(
-                f"allocation at offset {allocation.offset} (owner {allocation.owner}) does not belong to "
-                f"this allocator (owner {self._owner}, segment {self.segment_name!r})")
+        self._check_owner(allocation)
         off = allocation.offset
         with self._lock:
             slab = off >> SLAB_BITS if isinstance(off, int) and off >= 0 else -1
