@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -83,6 +83,10 @@ class Method:
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()
     admin: bool = False
+    allowed: frozenset[str] = field(init=False, repr=False, compare=False)  # required | optional
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed", frozenset(self.required) | frozenset(self.optional))
 
 
 def _items(items: list[BatchItem], wire: Callable[[Any], Any] = lambda v: v) -> list[list[Any]]:
@@ -229,7 +233,7 @@ def check_params(name: str, m: Method, params: dict[str, Any]) -> None:
     missing = [p for p in m.required if p not in params]
     if missing:
         raise StoreError(ErrorCode.INVALID_PARAMS, f"{name}: missing parameters {missing}")
-    unknown = set(params) - set(m.required) - set(m.optional)
+    unknown = params.keys() - m.allowed
     if unknown:
         raise StoreError(ErrorCode.INVALID_PARAMS, f"{name}: unknown parameters {sorted(unknown)[:8]}")
 

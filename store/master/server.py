@@ -1,10 +1,15 @@
-"""``umbra master``: the state machine behind an asyncio RPC server and an HTTP endpoint.
+"""``umbra master``: the state machine behind a TCP RPC server, an event loop and an HTTP endpoint.
 
-One asyncio task per connection reads frames (see :mod:`store.master.rpc`), runs each call and
-writes the answer in order. While no failpoint is armed a call runs straight on the event loop
-(every state change is a few microseconds under one lock); once any is armed, calls move to a pool
-of ``--max_threads`` workers so a ``pause`` or ``sleep`` holds only its own caller. Introspection
-and failpoint control always run on the loop and are answered even while workers are held.
+Each RPC connection is served by its own thread: a blocking receive into a reusable buffer, the
+call, one ``sendall`` of the answer, in order (see :mod:`store.master.rpc` for the frames). That
+costs a fraction of an event-loop round per call (no selector wake-up, handle or callback
+machinery: the loop's per-event work was most of the master's cost per small call). While no
+failpoint is armed a call runs straight on its connection's thread (every state change is a few
+microseconds under the state machine's one lock); once any is armed, calls move to a pool of
+``--max_threads`` workers so a ``pause`` or ``sleep`` holds only its own caller and at most that
+many calls wait on failpoints at once. Introspection and failpoint control always run on the
+connection's thread and are answered even while workers are held. The asyncio event loop runs
+the background loops below and the shutdown.
 
 Loops around the state machine: GC and eviction every 10 ms, the client monitor every second,
 and (``--enable_metric_reporting``) a summary line every 10 s. The process prints one line once
@@ -23,7 +28,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -70,7 +78,10 @@ class MasterServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._http: MasterHttpServer | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._conns: set[_RpcConnection] = set()
+        self._conns_lock = threading.Lock()  # guards _conns and the two counters below
+        self._listener: socket.socket | None = None
+        self._stopping = False  # set under _conns_lock: no connection is accepted after it
         self.connections_total = 0
         self.frame_errors = 0
 
@@ -111,9 +122,12 @@ class MasterServer:
         cfg = self.config
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._connection, cfg.rpc_address, cfg.rpc_port)
-        sock = server.sockets[0].getsockname()
+        listener = self._listener = _listen(cfg.rpc_address, cfg.rpc_port)
+        sock = listener.getsockname()
         self.rpc_address = (sock[0], sock[1])
+        acceptor = threading.Thread(target=self._accept_loop, args=(listener,), daemon=True,
+                                    name="master-accept")
+        acceptor.start()
         self._http = MasterHttpServer(self.service, cfg.metrics_host, cfg.metrics_port)
         self._http.start()
         self.metrics_address = self._http.address
@@ -131,13 +145,17 @@ class MasterServer:
         try:
             await self._stop.wait()
         finally:
-            server.close()
-            for w in list(self._writers):
-                w.close()
+            _shutdown(listener)
+            listener.close()
+            with self._conns_lock:
+                self._stopping = True
+                conns = list(self._conns)
+            for c in conns:
+                c.close()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await server.wait_closed()
+            acceptor.join(5)
             self._http.stop()
             failpoints.disarm_all()  # let paused workers finish so the pool can drain
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -171,65 +189,32 @@ class MasterServer:
 
     # ------------------------------------------------------------------ connections
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        peer_s = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self._writers.add(writer)
-        self.connections_total += 1
-        try:
-            while True:
-                out = await self._one_frame(reader, peer_s)
-                if out is None:
-                    break
-                reply, keep_open = out
-                if reply is not None:
-                    writer.write(reply)
-                    await writer.drain()
-                if not keep_open:
-                    break
-        except (ConnectionError, OSError) as exc:
-            log.debug("connection from %s ended: %s", peer_s, exc)
-        finally:
-            self._writers.discard(writer)
-            writer.close()
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
             try:
-                await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
-
-    async def _one_frame(self, reader: asyncio.StreamReader, peer: str) -> tuple[bytes | None, bool] | None:
-        """Read and answer one frame: ``(reply, keep_open)``, or None at a clean end of stream."""
-        try:
-            header = await reader.readexactly(HEADER.size)
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                return None
-            return self._frame_error(peer, ErrorCode.INVALID_PARAMS, "truncated frame header")
-        (length,) = HEADER.unpack(header)
-        if length > self.config.max_frame_bytes:
-            return self._frame_error(peer, ErrorCode.BUFFER_OVERFLOW,
-                                     f"frame of {length} bytes exceeds {self.config.max_frame_bytes}")
-        try:
-            async with asyncio.timeout(self.config.frame_timeout):
-                body = await reader.readexactly(length)
-        except asyncio.IncompleteReadError as exc:
-            return self._frame_error(peer, ErrorCode.INVALID_PARAMS,
-                                     f"truncated frame: {len(exc.partial)} of {length} bytes")
-        except TimeoutError:
-            return self._frame_error(peer, ErrorCode.RPC_TIMEOUT,
-                                     f"frame body of {length} bytes not received in "
-                                     f"{self.config.frame_timeout}s")
-        try:
-            req_id, method, params = parse_request(unpack(body))
-        except FrameError as exc:
-            return self._frame_error(peer, exc.code, exc.message)
-        if method in ADMIN_METHODS:
-            return self._call(req_id, method, params), True
-        reply = await self._run(self._handle, req_id, method, params, peer)
-        return (reply, True) if reply is not None else (None, False)
+                sock, addr = listener.accept()
+            except OSError:
+                return  # the listener was closed: the server is stopping
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            conn = _RpcConnection(self, sock, peer)
+            with self._conns_lock:
+                stopping = self._stopping
+                if not stopping:
+                    self._conns.add(conn)
+                    self.connections_total += 1
+            if stopping:
+                sock.close()
+                return
+            try:
+                threading.Thread(target=conn.run, daemon=True, name=f"master-rpc-conn-{peer}").start()
+            except RuntimeError:  # interpreter shutting down
+                conn.close()
+                return
 
     def _frame_error(self, peer: str, code: ErrorCode, message: str) -> tuple[bytes, bool]:
-        self.frame_errors += 1
+        with self._conns_lock:
+            self.frame_errors += 1
         log.warning("bad frame from %s: %s (%s); closing the connection", peer, message, code.name)
         return response(0, code, None, message), False
 
@@ -258,6 +243,165 @@ class MasterServer:
                      peer, exc.code.name)
             return None
         return reply
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on the first address ``host`` resolves to (as the server reports one)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _RpcConnection:
+    """One client connection of a :class:`MasterServer`, served by its own thread.
+
+    Frames are answered strictly in order; a frame's body must arrive within ``frame_timeout`` of
+    the moment the server starts waiting for it (an idle connection may wait forever between
+    frames). A call on a worker (a failpoint is armed) holds the frames behind it, as does a peer
+    that does not read its answers (``sendall`` blocks this thread only).
+    """
+
+    _BUF = 64 * 1024
+
+    def __init__(self, server: MasterServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self._buf = bytearray(self._BUF)
+        self._view = memoryview(self._buf)
+        self._start = 0  # received, not yet parsed: self._buf[self._start:self._end]
+        self._end = 0
+        self._poller: select.poll | None = None
+
+    def close(self) -> None:
+        """Wake the thread (its receive returns) and end the connection."""
+        _shutdown(self.sock)
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except (ConnectionError, OSError) as exc:
+            log.debug("connection from %s ended: %s", self.peer, exc)
+        except Exception:
+            log.exception("connection from %s failed; closing it", self.peer)
+        finally:
+            with self.server._conns_lock:
+                self.server._conns.discard(self)
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def _fail(self, code: ErrorCode, message: str) -> None:
+        reply, _ = self.server._frame_error(self.peer, code, message)
+        try:
+            self.sock.sendall(reply)
+        except OSError:
+            pass
+
+    def _room(self, need: int) -> None:
+        """Make ``need`` bytes fit from ``_start`` (move the unparsed bytes down, or grow)."""
+        if self._start + need <= len(self._buf):
+            return
+        have = self._end - self._start
+        if need > len(self._buf):
+            buf = bytearray(need)
+            buf[:have] = self._view[self._start:self._end]
+            self._view.release()
+            self._buf, self._view = buf, memoryview(buf)
+        else:
+            self._buf[:have] = bytes(self._view[self._start:self._end])  # may overlap: copy first
+        self._start, self._end = 0, have
+
+    def _recv(self, deadline: float | None) -> bool:
+        """Receive more bytes (False at end of stream); ``TimeoutError`` past ``deadline``."""
+        if deadline is not None:
+            if self._poller is None:
+                self._poller = select.poll()
+                self._poller.register(self.sock.fileno(), select.POLLIN)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._poller.poll(math.ceil(remaining * 1000)):
+                raise TimeoutError
+        n = self.sock.recv_into(self._view[self._end:])
+        self._end += n
+        return n > 0
+
+    def _serve(self) -> None:
+        srv = self.server
+        cfg = srv.config
+        sock = self.sock
+        while True:
+            if self._end - self._start < HEADER.size:
+                self._room(HEADER.size)
+                if not self._recv(None):
+                    if self._end > self._start and not srv._stopping:
+                        self._fail(ErrorCode.INVALID_PARAMS, "truncated frame header")
+                    return
+                continue
+            (length,) = HEADER.unpack_from(self._buf, self._start)
+            if length > cfg.max_frame_bytes:
+                self._fail(ErrorCode.BUFFER_OVERFLOW,
+                           f"frame of {length} bytes exceeds {cfg.max_frame_bytes}")
+                return
+            total = HEADER.size + length
+            if self._end - self._start < total:
+                self._room(total)
+                deadline = time.monotonic() + cfg.frame_timeout
+                while self._end - self._start < total:
+                    try:
+                        more = self._recv(deadline)
+                    except TimeoutError:
+                        self._fail(ErrorCode.RPC_TIMEOUT, f"frame body of {length} bytes not received in "
+                                                          f"{cfg.frame_timeout}s")
+                        return
+                    if not more:
+                        if srv._stopping:
+                            return  # cut by the server's own shutdown, not by the peer
+                        self._fail(ErrorCode.INVALID_PARAMS, f"truncated frame: "
+                                                             f"{self._end - self._start - HEADER.size} of "
+                                                             f"{length} bytes")
+                        return
+            start = self._start
+            body = self._buf[start + HEADER.size:start + total]
+            if start + total == self._end:
+                self._start = self._end = 0
+                if len(self._buf) > self._BUF:  # a big frame is done: give its buffer back
+                    self._buf = bytearray(self._BUF)
+                    self._view = memoryview(self._buf)
+            else:
+                self._start = start + total
+            try:
+                req_id, method, params = parse_request(unpack(body))
+            except FrameError as exc:
+                self._fail(exc.code, exc.message)
+                return
+            if method in ADMIN_METHODS:
+                reply: bytes | None = srv._call(req_id, method, params)
+            elif failpoints.armed():  # a failpoint may block: run the call on a worker
+                try:
+                    reply = srv._pool.submit(srv._handle, req_id, method, params, self.peer).result()
+                except (RuntimeError, concurrent.futures.CancelledError):
+                    return  # the server is stopping
+            else:
+                reply = srv._handle(req_id, method, params, self.peer)
+            if reply is None:  # dropped by the master.rpc.send failpoint: close
+                return
+            sock.sendall(reply)
 
 
 # ---------------------------------------------------------------------- process entry

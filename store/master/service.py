@@ -102,6 +102,17 @@ class EvictionReport:
     freed_bytes: int = 0  # Mooncake's figure: value size × replica count
 
 
+_RPC_NAMES: dict[str, tuple[str, str, str]] = {}
+
+
+def _rpc_names(name: str) -> tuple[str, str, str]:
+    """``(requests counter, failures counter, failpoint)`` of an RPC, formatted once per name."""
+    names = _RPC_NAMES.get(name)
+    if names is None:
+        names = _RPC_NAMES[name] = (f"{name}_requests", f"{name}_failures", f"master.{name}")
+    return names
+
+
 class MasterService:
     """Pure master state machine; see the module docstring."""
 
@@ -137,15 +148,16 @@ class MasterService:
         return self._clock()
 
     def _rpc(self, name: str, ids: dict[str, Any], fn: Callable[..., T], *args: Any) -> T:
+        requests, failures, point = _rpc_names(name)
         with self._lock:
-            self._counters[f"{name}_requests"] += 1
+            self._counters[requests] += 1
         try:
-            failpoint(f"master.{name}", **ids)
+            failpoint(point, **ids)
             with self._lock:
                 return fn(*args)
         except StoreError as exc:
             with self._lock:
-                self._counters[f"{name}_failures"] += 1
+                self._counters[failures] += 1
             log.debug("rpc=%s failed ids=%s: %s", name, ids, exc)
             raise
 

@@ -211,13 +211,14 @@ class TransferServer:
         self._listener.listen(backlog)
         self.host = host
         self.port = self._listener.getsockname()[1]
+        self._endpoint = f"{host}:{self.port}"  # built once: every request names it to its failpoint
         self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
                                                name=f"xfer-accept-{self.port}")
         self._accept_thread.start()
 
     @property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self._endpoint
 
     def register_handler(self, msg_type: str, handler: ControlHandler) -> None:
         """Answer control messages named ``msg_type`` (e.g. ``"rdma.handshake"``) with ``handler``.
@@ -333,6 +334,9 @@ class TransferServer:
 
     def _reply(self, conn: _Accepted, msg_type: int, req_id: int, status: int, error: str = "",
                data: memoryview | bytes | None = None) -> None:
+        if not status and data is None:  # a plain acknowledgement: one header, one send
+            conn.sock.sendall(pack_header(msg_type, req_id))
+            return
         text = error.encode() if status else b""
         n = len(data) if data is not None else 0
         parts: list[Any] = [pack_header(msg_type, req_id, 0, n, status, len(text))]
