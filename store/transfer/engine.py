@@ -516,14 +516,17 @@ class TransferEngine:
         for task in tasks:
             if task.slices and task.status is TransferStatus.WAITING:
                 self._active.add(task)
-        self._count("requests", len(tasks))
-        self._count("slices", n_slices)
+        with self._lock:  # one lock round for both counters (as _count: zero adds no key)
+            if tasks:
+                self._counters["requests"] += len(tasks)
+            if n_slices:
+                self._counters["slices"] += n_slices
         for transport, slices in by_transport.values():
             self._post(transport, slices)
 
     def _check(self, b: Batch, index: int, r: TransferRequest) -> tuple[_Task, list[RegisteredRange]]:
         try:
-            op = Opcode(r.opcode)
+            op = r.opcode if r.opcode.__class__ is Opcode else Opcode(r.opcode)  # skip the enum lookup
         except ValueError as exc:
             raise StoreError(ErrorCode.INVALID_PARAMS, f"request {index}: bad opcode {r.opcode!r}") from exc
         length, local, remote = int(r.length), int(r.local_addr), int(r.target_offset)
