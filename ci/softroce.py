@@ -403,12 +403,6 @@ mount -t 9p -o "$o,ro,cache=loose" hostroot /newroot || fail "9p mount of the ho
 if [ -d "/newroot$umbra_project/.venv" ]; then
   mkdir -p /venv && mount --bind "/newroot$umbra_project/.venv" /venv
 fi
-mount -t 9p -o "$o,rw,cache=mmap" project "/newroot$umbra_project" || fail "9p mount of $umbra_project"
-mount -t 9p -o "$o,rw,cache=mmap" work "/newroot$umbra_work" || fail "9p mount of $umbra_work"
-if [ -d /venv/bin ]; then
-  mount --bind /venv "/newroot$umbra_project/.venv" || fail "bind the read-only venv"
-fi
-[ -f "/newroot$umbra_run/guest.sh" ] || fail "$umbra_run/guest.sh not visible in the guest"
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
 mount -t devtmpfs devtmpfs /newroot/dev
@@ -417,6 +411,16 @@ mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=755 tmpfs /newroot/run
+# The project is mounted after the tmpfs mounts so that a checkout under /tmp or /run is not
+# hidden by them (its mount point is then created inside the tmpfs).
+mkdir -p "/newroot$umbra_project" || fail "mount point $umbra_project"
+mount -t 9p -o "$o,rw,cache=mmap" project "/newroot$umbra_project" || fail "9p mount of $umbra_project"
+mkdir -p "/newroot$umbra_work" || fail "mount point $umbra_work"
+mount -t 9p -o "$o,rw,cache=mmap" work "/newroot$umbra_work" || fail "9p mount of $umbra_work"
+if [ -d /venv/bin ]; then
+  mount --bind /venv "/newroot$umbra_project/.venv" || fail "bind the read-only venv"
+fi
+[ -f "/newroot$umbra_run/guest.sh" ] || fail "$umbra_run/guest.sh not visible in the guest"
 # The kernel's on-demand module loader runs /sbin/modprobe of this initramfs: give it the module tree.
 mkdir -p /lib/modules
 mount --bind /newroot/lib/modules /lib/modules
