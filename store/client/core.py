@@ -243,6 +243,7 @@ class Client:
         self._segment_region: MemoryRegion | None = None
         self._segments: list[Segment] = []
         self._heartbeat: Heartbeat | None = None
+        self._metrics_server: Any = None  # client_http_port: /metrics and /health
         self._seg_cache: dict[str, SegmentDescriptor] = {}
         self._counters: dict[str, int] = {}
         self._count_lock = threading.Lock()
@@ -333,8 +334,7 @@ class Client:
             # dies is reclaimed at its expiry (the master learns of clients by mount/remount).
             self._master.remount_segment([], self.client_id)
         if cfg.enable_client_http_server:
-            log.warning("enable_client_http_server is accepted for compatibility; Umbra's client serves no "
-                        "HTTP (use Client.stats())")
+            self._metrics_server = self._serve_metrics(cfg.client_http_port)
         self._heartbeat = Heartbeat(self._master, self.client_id, self.heartbeat_interval_s,
                                     on_need_remount=self._remount).start()
         # Load the checksum kernels now (from numba's disk cache), not inside the first large op.
@@ -379,8 +379,28 @@ class Client:
             self._teardown()
         return OK
 
+    def _serve_metrics(self, port: int) -> Any:
+        """Mooncake's ``client_http_port``: the transport's Prometheus counters (RDMA: completions by
+        status, async events, reconnects, retries, paused paths) on ``/metrics``, and ``/health``."""
+        from store.transfer.rdma.metrics import serve_metrics  # prometheus only; no pyverbs
+
+        assert self._engine is not None and self.config is not None
+        metrics = getattr(self._engine.transport(self.config.protocol), "metrics", None)
+        registries = [metrics.registry] if metrics is not None else []
+        try:
+            server = serve_metrics(port, registries, health=lambda: "OK" if self._ready else "NOT READY")
+        except OSError as exc:
+            log.warning("client %s: metrics HTTP server on port %d not started: %s", self.client_id, port,
+                        exc)
+            return None
+        log.info("client %s: metrics on http://0.0.0.0:%d/metrics", self.client_id, server.port)
+        return server
+
     def _teardown(self) -> None:
         self._ready = False
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
