@@ -461,3 +461,12 @@ def test_opaque_transport_dict_round_trips_including_bytes(fresh):
     assert mc.get_replica_list("k").replicas[0].transport == transport
     status, body = http_get(srv, "/query_key?key=k")
     assert status == 200 and json.loads(body)["replicas"][0]["transport"]["gid"] == bytes(range(16)).hex()
+
+
+def test_unencodable_parameters_are_invalid_params_and_the_link_survives(fresh):
+    _srv, client = fresh
+    client.put_start("c0", "big-sum", 4096)
+    # a checksum of 2**64 cannot be encoded as msgpack uint64: refused before anything is sent
+    assert code_of_call(client.put_end, "c0", "big-sum", checksum=2**64) is ErrorCode.INVALID_PARAMS
+    client.put_end("c0", "big-sum", checksum=7)
+    assert client.get_replica_list("big-sum").checksum == 7

@@ -145,7 +145,12 @@ class _Connection:
         req_id = next(self.ids)
         if deadline <= time.monotonic():
             raise TimeoutError
-        self._send(pack([req_id, method, params]), deadline)
+        try:
+            frame = pack([req_id, method, params])
+        except (OverflowError, TypeError, ValueError) as exc:  # nothing was sent: the link is fine
+            raise StoreError(ErrorCode.INVALID_PARAMS,
+                             f"{method}: parameters cannot be encoded: {exc}") from exc
+        self._send(frame, deadline)
         while True:
             reply = self._reply(deadline)
             if not isinstance(reply, list) or len(reply) != 4:
