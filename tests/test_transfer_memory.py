@@ -1,5 +1,6 @@
 """Memory regions, the registration table, slice planning and descriptors of the transfer engine."""
 
+import ctypes
 import itertools
 import threading
 
@@ -151,3 +152,21 @@ def test_slice_completes_once_per_attempt():
     s.complete(True)  # a second completion of the same attempt is ignored
     assert seen == [s]
     assert (s.status, s.code, s.retryable, s.error) == (TransferStatus.FAILED, -600, False, "boom")
+
+
+def test_region_alignment_beyond_a_page():
+    align = 16 * 1024 * 1024
+    with MemoryRegion(3 * 4096, align=align) as region:
+        assert region.addr % align == 0
+        arr = region.numpy()
+        assert arr.size == region.length == 3 * 4096
+        arr[:] = 7
+        assert bytes(region.view()[:4]) == b"\x07" * 4
+        assert ctypes.string_at(region.addr + region.length - 1, 1) == b"\x07"
+        del arr
+
+
+@pytest.mark.parametrize("bad", [0, 100, 4096 * 3, 2048])
+def test_region_rejects_bad_alignment(bad):
+    with pytest.raises(StoreError):
+        MemoryRegion(4096, align=bad)

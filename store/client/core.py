@@ -64,6 +64,8 @@ from store.units import MiB
 
 log = logging.getLogger("store.client")
 
+SEGMENT_ALIGNMENT = 16 * MiB  # Mooncake's Slab::kSize: the cachelib allocator needs it
+
 T = TypeVar("T")
 
 MAX_KEY_BYTES = 4096  # the master's default --max_key_bytes
@@ -349,7 +351,9 @@ class Client:
         """Map the global segment, register it in chunks of ≤ ``max_mr_size`` and mount each chunk
         as its own segment (Mooncake does the same)."""
         assert self._engine is not None and self._master is not None and self.config is not None
-        self._segment_region = region = MemoryRegion(size, populate=self.populate_segment)
+        # 16 MiB alignment, as Mooncake's aligned_alloc: the cachelib allocator refuses other bases
+        self._segment_region = region = MemoryRegion(size, populate=self.populate_segment,
+                                                     align=SEGMENT_ALIGNMENT)
         chunks = region.chunks(self.max_mr_size)
         for c in chunks:
             self._engine.register_memory(c.addr, c.length, remote=True)

@@ -96,17 +96,27 @@ class MemoryRegion:
     kernel offers it; the mapping works either way.
     """
 
-    def __init__(self, length: int, *, hugepages: bool = False, populate: bool = False) -> None:
+    def __init__(self, length: int, *, hugepages: bool = False, populate: bool = False,
+                 align: int = PAGE_SIZE) -> None:
         if length <= 0:
             raise StoreError(ErrorCode.INVALID_PARAMS, f"memory region length must be > 0, got {length}")
+        if align < PAGE_SIZE or align & (align - 1):
+            raise StoreError(ErrorCode.INVALID_PARAMS,
+                             f"alignment must be a power of two >= {PAGE_SIZE}, got {align}")
         self.length = length
-        self._map: mmap.mmap | None = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # A stricter alignment than a page (the slab allocator's 16 MiB, as Mooncake's
+        # aligned_alloc gives) is had by mapping ``align`` bytes more and starting inside.
+        extra = align - PAGE_SIZE
+        self._map: mmap.mmap | None = mmap.mmap(-1, length + extra,
+                                                flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
             self._map.madvise(mmap.MADV_HUGEPAGE)
         # Take the address through a short-lived export; the mapping itself never moves.
         probe = ctypes.c_ubyte.from_buffer(self._map)
-        self.addr = ctypes.addressof(probe)
+        base = ctypes.addressof(probe)
         del probe
+        self._skew = -base % align
+        self.addr = base + self._skew
         if populate:
             self.numpy()[::PAGE_SIZE] = 0
 
@@ -141,10 +151,10 @@ class MemoryRegion:
         return [Buffer(self.addr + off, min(step, self.length - off)) for off in range(0, self.length, step)]
 
     def view(self) -> memoryview:
-        return memoryview(self._check_open())
+        return memoryview(self._check_open())[self._skew:self._skew + self.length]
 
     def numpy(self) -> np.ndarray:
-        return np.frombuffer(self._check_open(), dtype=np.uint8)
+        return np.frombuffer(self._check_open(), dtype=np.uint8, count=self.length, offset=self._skew)
 
     def close(self) -> None:
         """Unmap. Refused while an engine still has part of the region registered; raises
