@@ -28,6 +28,7 @@ import weakref
 from pathlib import Path
 from typing import IO, Any
 
+from store.master.server import Announcement
 from store.units import parse_size
 
 log = logging.getLogger("fault.procs")
@@ -264,12 +265,8 @@ class MasterProc(ManagedProcess):
         ]
 
     def parse_banner(self, line: str) -> None:
-        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-        host, port = fields["rpc"].rsplit(":", 1)
-        self.rpc = (host, int(port))
-        host, port = fields["metrics"].rsplit(":", 1)
-        self.metrics = (host, int(port))
-        self.seed = int(fields["seed"])
+        ann = Announcement.parse(line)
+        self.rpc, self.metrics, self.seed = ann.rpc, ann.metrics, ann.seed
 
     @property
     def address(self) -> str:

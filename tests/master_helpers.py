@@ -15,7 +15,7 @@ from typing import Any
 
 from store.master.clock import ManualClock
 from store.master.config import MasterConfig
-from store.master.server import MasterServer
+from store.master.server import Announcement, MasterServer
 from store.master.service import MasterService
 from store.master.types import ReplicateConfig, Segment
 
@@ -78,15 +78,12 @@ class MasterProcess:
             self.stop()
             raise RuntimeError(f"master did not announce itself in {timeout}s; log:\n{self.log()}") from None
         self.banner = line.strip()
-        fields = dict(part.split("=", 1) for part in self.banner.split() if "=" in part)
-        if "rpc" not in fields:
+        try:
+            ann = Announcement.parse(self.banner)
+        except ValueError:
             self.stop()
-            raise RuntimeError(f"unexpected first line {self.banner!r}; log:\n{self.log()}")
-        host, port = fields["rpc"].rsplit(":", 1)
-        self.rpc = (host, int(port))
-        host, port = fields["metrics"].rsplit(":", 1)
-        self.metrics = (host, int(port))
-        self.seed = int(fields["seed"])
+            raise RuntimeError(f"unexpected first line {self.banner!r}; log:\n{self.log()}") from None
+        self.rpc, self.metrics, self.seed = ann.rpc, ann.metrics, ann.seed
 
     def log(self) -> str:
         self.log_file.flush()

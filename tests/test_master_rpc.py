@@ -470,3 +470,13 @@ def test_unencodable_parameters_are_invalid_params_and_the_link_survives(fresh):
     assert code_of_call(client.put_end, "c0", "big-sum", checksum=2**64) is ErrorCode.INVALID_PARAMS
     client.put_end("c0", "big-sum", checksum=7)
     assert client.get_replica_list("big-sum").checksum == 7
+
+
+def test_announcement_round_trip_and_rejects_other_lines():
+    from store.master.server import Announcement
+
+    ann = Announcement(("127.0.0.1", 50051), ("127.0.0.1", 9003), 42)
+    assert Announcement.parse(ann.line() + "\n") == ann
+    for bad in ("", "hello world", "umbra master listening rpc=127.0.0.1:x metrics=h:1 seed=1"):
+        with pytest.raises(ValueError):
+            Announcement.parse(bad)

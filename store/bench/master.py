@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Any
 
+from store.master.server import Announcement
+
 RPCS = ("PutStart", "PutEnd", "GetReplicaList", "Remove")
 CLIENT_ID = "bench"
 SEGMENT_SIZE = 1 << 30
@@ -97,9 +99,7 @@ class _MasterProc:
         except queue.Empty:
             self.stop()
             raise RuntimeError("umbra master did not start within 60 s") from None
-        fields = dict(p.split("=", 1) for p in banner.split() if "=" in p)
-        host, port = fields["rpc"].rsplit(":", 1)
-        self.address = (host, int(port))
+        self.address = Announcement.parse(banner).rpc
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from store import failpoints
@@ -245,6 +246,31 @@ class MasterServer:
         return reply
 
 
+@dataclass(frozen=True)
+class Announcement:
+    """The line ``umbra master`` prints once it listens: where it listens and with which seed."""
+
+    rpc: tuple[str, int]
+    metrics: tuple[str, int]
+    seed: int
+
+    def line(self) -> str:
+        return (f"umbra master listening rpc={self.rpc[0]}:{self.rpc[1]} "
+                f"metrics={self.metrics[0]}:{self.metrics[1]} seed={self.seed}")
+
+    @classmethod
+    def parse(cls, line: str) -> Announcement:
+        """Read the line back (callers that started the master with port 0); ``ValueError`` if it
+        is not the announcement."""
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        try:
+            rpc_host, rpc_port = fields["rpc"].rsplit(":", 1)
+            m_host, m_port = fields["metrics"].rsplit(":", 1)
+            return cls((rpc_host, int(rpc_port)), (m_host, int(m_port)), int(fields["seed"]))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"not a master announcement: {line.strip()!r}") from exc
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket on the first address ``host`` resolves to (as the server reports one)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -445,8 +471,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def announce(s: MasterServer) -> None:
         assert s.rpc_address and s.metrics_address
-        print(f"umbra master listening rpc={s.rpc_address[0]}:{s.rpc_address[1]} "
-              f"metrics={s.metrics_address[0]}:{s.metrics_address[1]} seed={s.service.seed}", flush=True)
+        print(Announcement(s.rpc_address, s.metrics_address, s.service.seed).line(), flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, s.request_stop)
