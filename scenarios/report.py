@@ -231,7 +231,18 @@ def plot_latency(df: pd.DataFrame, results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("latency (ms)")
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7, loc="upper right", ncol=3)
-    axes[-1].set_xlabel("time since the cluster was up (s)")
+    _save(fig, axes, "time since the cluster was up (s)", path)
+
+
+def _rate_step(ax: Any, times: pd.Series, bins: list[float], width: float, color: str, label: str) -> None:
+    """Completions per second in fixed-width bins, drawn as a step line (nothing when empty)."""
+    if not times.empty:
+        counts = pd.cut(times, bins).value_counts(sort=False)
+        ax.step(bins[:-1], counts.to_numpy() / width, where="post", color=color, label=label)
+
+
+def _save(fig: Any, axes: Any, xlabel: str, path: Path) -> None:
+    axes[-1].set_xlabel(xlabel)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -248,23 +259,15 @@ def plot_throughput(df: pd.DataFrame, results: dict[str, Any], path: Path) -> No
         width = max(0.1, (t1 - t0) / 60)
         bins = [t0 + i * width for i in range(int((t1 - t0) / width) + 2)]
         for op, color in OP_COLORS.items():
-            sel = ops[(ops["op"] == op) & (ops["result_code"] == 0)]["time_end"]
-            if not sel.empty:
-                counts = pd.cut(sel, bins).value_counts(sort=False)
-                ax.step(bins[:-1], counts.to_numpy() / width, where="post", color=color, label=f"{op} ok")
+            ok = ops[(ops["op"] == op) & (ops["result_code"] == 0)]["time_end"]
+            _rate_step(ax, ok, bins, width, color, f"{op} ok")
         for label, (mask, _, color, _) in _unsuccessful(ops).items():
-            sel = ops.loc[mask, "time_end"]
-            if not sel.empty:
-                counts = pd.cut(sel, bins).value_counts(sort=False)
-                ax.step(bins[:-1], counts.to_numpy() / width, where="post", color=color, label=label)
+            _rate_step(ax, ops.loc[mask, "time_end"], bins, width, color, label)
         _shade(ax, results["variants"].get(name, {}).get("fault_windows", []), t1)
         ax.set_ylabel("ops/s")
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7, loc="upper right", ncol=4)
-    axes[-1].set_xlabel("time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, axes, "time (s)", path)
 
 
 def plot_memory(mem: pd.DataFrame, results: dict[str, Any], path: Path) -> None:
@@ -286,10 +289,7 @@ def plot_memory(mem: pd.DataFrame, results: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("MiB")
         ax.set_title(name, fontsize=10)
         ax.legend(fontsize=7, loc="upper right", ncol=4)
-    axes[-1].set_xlabel("time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, axes, "time (s)", path)
 
 
 # ------------------------------------------------------------------------------------ documents
