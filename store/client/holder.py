@@ -31,6 +31,7 @@ import threading
 from typing import Any
 
 from store import failpoints
+from store.childproc import read_first_line, set_when_stdin_closes
 from store.failpoints import arm_from_env
 from store.units import parse_size
 
@@ -77,15 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
 
-    def watch_stdin() -> None:
-        try:
-            while sys.stdin.read(1 << 16):
-                pass
-        except (OSError, ValueError):
-            pass
-        done.set()
-
-    threading.Thread(target=watch_stdin, daemon=True, name="stdin-watch").start()
+    set_when_stdin_closes(done)
     info = {"client_id": client.client_id, "segment_name": client.get_hostname(), "endpoint": engine.endpoint,
             "pid": os.getpid(), "segments": client.segments()}
     print(json.dumps(info), flush=True)
@@ -118,20 +111,12 @@ class HolderProcess:
             cmd.append("--populate")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
-        line: list[str] = []
-        ready = threading.Event()
-
-        def read_first() -> None:
-            assert self.proc.stdout is not None
-            line.append(self.proc.stdout.readline())
-            ready.set()
-
-        threading.Thread(target=read_first, daemon=True).start()
-        if not ready.wait(start_timeout) or not line[0]:
+        first = read_first_line(self.proc, start_timeout)
+        if not first:
             self.kill()
             raise RuntimeError(f"holder did not report its segment within {start_timeout}s "
                                f"(exit code {self.proc.poll()})")
-        self.info: dict[str, Any] = json.loads(line[0])
+        self.info: dict[str, Any] = json.loads(first)
         if "error" in self.info:
             self.close()
             raise RuntimeError(f"holder setup failed with code {self.info['error']}")

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from store.childproc import read_first_line, set_when_stdin_closes
 from store.errors import ErrorCode, StoreError
 from store.failpoints import arm_from_env
 from store.transfer.engine import TransferEngine
@@ -193,20 +194,11 @@ class PeerProcess:
             cmd.append("--plain-socket")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
-        assert self.proc.stdout is not None
-        ready = threading.Event()
-        line: list[str] = []
-
-        def read_first() -> None:
-            assert self.proc.stdout is not None
-            line.append(self.proc.stdout.readline())
-            ready.set()
-
-        threading.Thread(target=read_first, daemon=True).start()
-        if not ready.wait(start_timeout) or not line[0]:
+        first = read_first_line(self.proc, start_timeout)
+        if not first:
             self.kill()
             raise RuntimeError(f"transfer peer did not report its endpoint (exit code {self.proc.poll()})")
-        self.info: dict[str, Any] = json.loads(line[0])
+        self.info: dict[str, Any] = json.loads(first)
         self.endpoint: str = self.info["endpoint"]
         self.addr: int = int(self.info["addr"])
         self.length: int = int(self.info["length"])
@@ -263,15 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 engine_options=json.loads(args.engine_options), protocol=args.protocol)
     print(json.dumps(peer.info()), flush=True)
 
-    def watch_stdin() -> None:
-        try:
-            while sys.stdin.read(1 << 16):
-                pass
-        except (OSError, ValueError):
-            pass
-        peer.done.set()
-
-    threading.Thread(target=watch_stdin, daemon=True, name="stdin-watch").start()
+    set_when_stdin_closes(peer.done)
     peer.done.wait()
     peer.close()
     return 0
